@@ -1,0 +1,4 @@
+cdef class Completed:
+    pass
+
+cdef Completed COMPLETED
