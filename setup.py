@@ -42,28 +42,35 @@ def _warn(message: str) -> None:
 
 
 class OptionalBuildExt(build_ext):
-    """``build_ext`` that degrades to pure Python instead of failing the install."""
+    """``build_ext`` that degrades to pure Python instead of failing the install.
+
+    Failures are collected and reported in one warning at the end. A partly compiled core is
+    harmless: ``mtaio._core`` only switches to the compiled implementation when every
+    compiled module imports.
+    """
 
     def run(self) -> None:
+        self._failures: list[str] = []
         try:
             super().run()
-        except Exception as exc:
-            self._fallback(exc)
+        except Exception as exc:  # no compiler at all, broken toolchain, ...
+            if REQUIRE_EXTENSIONS:
+                raise
+            self._failures.append(f"the compiled core ({type(exc).__name__}: {exc})")
+        if self._failures:
+            _warn(
+                f"could not compile {'; '.join(self._failures)}. Installing the pure-Python "
+                "implementation, which is slower (set MTAIO_REQUIRE_EXTENSIONS=1 to make this "
+                "an error)"
+            )
 
     def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
         except Exception as exc:
-            self._fallback(exc, ext.name)
-
-    def _fallback(self, exc: Exception, name: str = "the compiled core") -> None:
-        if REQUIRE_EXTENSIONS:
-            raise
-        _warn(
-            f"could not compile {name} ({type(exc).__name__}: {exc}); "
-            "installing the pure-Python implementation, which is slower "
-            "(set MTAIO_REQUIRE_EXTENSIONS=1 to make this an error)"
-        )
+            if REQUIRE_EXTENSIONS:
+                raise
+            self._failures.append(f"{ext.name} ({type(exc).__name__}: {exc})")
 
 
 def _extensions() -> list[Extension]:
