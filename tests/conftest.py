@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from mtaio._core import Kind, twin
+from mtaio._core import _TWINS, Kind, twin
 
 uvloop: ModuleType | None
 try:
@@ -41,6 +41,8 @@ class Implementation:
         self.kind = kind
 
     def __getattr__(self, name: str) -> Any:
+        if name not in _TWINS:
+            raise AttributeError(name)
         try:
             cls = twin(name, self.kind)
         except ImportError as exc:
@@ -59,6 +61,21 @@ def impl(request: pytest.FixtureRequest) -> Implementation:
     """Each test that takes ``impl`` runs against both implementations."""
     kind: Kind = request.param
     return Implementation(kind)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _current_event_loop() -> Iterator[None]:
+    """Give the main thread a current loop that the harness itself closes.
+
+    pytest-asyncio 1.x calls ``asyncio.get_event_loop()`` when it switches the loop policy;
+    without a current loop that call creates one nobody closes, and its ResourceWarning then
+    fails a later, unrelated test at garbage collection (pytest-asyncio issue #724).
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield
+    asyncio.set_event_loop(None)
+    loop.close()
 
 
 def pytest_asyncio_loop_factories(
