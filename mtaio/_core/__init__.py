@@ -25,7 +25,12 @@ __all__ = ["IMPLEMENTATION", "Kind", "twin"]
 Kind = Literal["cython", "python"]
 
 # Public class name -> the stem of the twin modules that define it.
-_TWINS: Final[dict[str, str]] = {}
+_TWINS: Final[dict[str, str]] = {
+    "ConcurrencyLimiter": "_semaphore",
+    "RateLimiter": "_bucket",
+    "Timeout": "_deadline",
+    "TimeoutManager": "_deadline",
+}
 
 
 def _flag(name: str) -> bool:
@@ -56,6 +61,9 @@ def _choose() -> Kind:
 IMPLEMENTATION: Final[Kind] = _choose()
 
 if TYPE_CHECKING:
-    pass
+    from ._bucket_py import RateLimiter as RateLimiter
+    from ._deadline_py import Timeout as Timeout
+    from ._deadline_py import TimeoutManager as TimeoutManager
+    from ._semaphore_py import ConcurrencyLimiter as ConcurrencyLimiter
 else:
     globals().update({name: twin(name, IMPLEMENTATION) for name in _TWINS})

@@ -9,12 +9,14 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ParamSpec, TypeVar
 
 __all__ = [
     "acquire_before_running",
+    "bounded_int",
     "check_coroutine_function",
     "hold_while_running",
     "non_negative",
@@ -31,7 +33,10 @@ def _real(name: str, value: object) -> float:
     # bool is an int subclass; a bool where a number is wanted is always a mistake.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range: a value error, not a crash
+        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
 
 
 def positive(name: str, value: object) -> float:
@@ -62,6 +67,20 @@ def positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def bounded_int(name: str, value: object, minimum: int) -> int:
+    """An ``int`` from ``minimum`` to ``sys.maxsize`` (not a bool, not a float).
+
+    The upper bound lets compiled code keep counts in a C ``Py_ssize_t``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value > sys.maxsize:
+        raise ValueError(f"{name} must be an int <= {sys.maxsize}, got {value!r}")
+    return int(value)
 
 
 def check_coroutine_function(func: object) -> None:

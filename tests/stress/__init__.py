@@ -1,0 +1,1 @@
+"""Reliability proof: storms, leaks, misuse and bad input (``pytest -m stress``)."""
