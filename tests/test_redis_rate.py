@@ -45,6 +45,12 @@ def _key() -> str:
     return f"test:{uuid.uuid4().hex}"
 
 
+async def _until_waiting(limiter: RedisRateLimiter, count: int) -> None:
+    """Wait until ``count`` tasks sleep on their reservations (their replies arrived)."""
+    while len(limiter._sleepers) < count:
+        await asyncio.sleep(0.001)
+
+
 async def _settle(limiter: RedisRateLimiter) -> None:
     """Wait for the reservations given back in the background to reach Redis."""
     await limiter._drain()
@@ -279,6 +285,37 @@ async def test_cancelled_waiter_gives_its_reservation_back(client: Redis) -> Non
     start = loop.time()
     await limiter.acquire()  # takes the token the cancelled task gave back: ~80 ms, not ~180
     assert loop.time() - start < 0.13
+
+
+async def test_only_the_latest_reservation_can_be_given_back(client: Redis) -> None:
+    limiter = RedisRateLimiter(client, _key(), 20, burst=1)
+    assert await limiter._take(1.0, None, dated=True) is not None  # empty now: 50 ms/token
+    first = asyncio.create_task(limiter._take(1.0, None, dated=True))  # slot +50 ms
+    await _until_waiting(limiter, 1)
+    second = asyncio.create_task(limiter._take(1.0, None, dated=True))  # slot +100 ms
+    await _until_waiting(limiter, 2)
+    first.cancel()  # `second` holds the later slot: the first one's stays unused
+    await _settle(limiter)
+    third = await within(limiter._take(1.0, None, dated=True))
+    slot = await within(second)
+    assert slot is not None
+    assert third is not None
+    assert third - slot == pytest.approx(0.05, abs=0.002)  # after `second`, not in the gap
+    # Given back from the latest backwards, every reservation returns.
+    fourth = asyncio.create_task(limiter.acquire())
+    await _until_waiting(limiter, 1)
+    fifth = asyncio.create_task(limiter.acquire())
+    await _until_waiting(limiter, 2)
+    fifth.cancel()
+    await asyncio.sleep(0)
+    fourth.cancel()
+    await asyncio.gather(fourth, fifth, return_exceptions=True)
+    await _settle(limiter)
+    seconds, micros = await client.time()
+    after = await within(limiter._take(1.0, None, dated=True))
+    assert after is not None
+    assert after - third == pytest.approx(0.05, abs=0.002)  # right after `third` again
+    assert after >= seconds + micros / 1e6
 
 
 async def test_cancelling_one_waiter_does_not_delay_the_next(client: Redis) -> None:

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from threading import get_ident
 from types import TracebackType
-from typing import Any, Final, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, Self, TypeVar, overload
 
 from mtaio._core._shared import (
     acquire_before_running,
@@ -240,7 +240,7 @@ class RateLimiter:
             return decorate
         return acquire_before_running(self.acquire, amount, func)
 
-    def __aenter__(self) -> Awaitable[Self]:
+    def _enter(self) -> Awaitable[Self]:
         """``async with limiter``: acquire one token (through ``self.acquire``)."""
         if type(self) is not RateLimiter:
             # A subclass may override acquire(): go through it.
@@ -252,7 +252,7 @@ class RateLimiter:
             return self._entered  # type: ignore[return-value]  # set by _bind
         return self._enter_after(self._acquire_slow(1.0, None))
 
-    def __aexit__(
+    def _exit(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
@@ -260,6 +260,22 @@ class RateLimiter:
     ) -> Awaitable[None]:
         """Leaving the block gives nothing back: tokens are spent, not held."""
         return self._done if self._done is not None else _nothing()
+
+    if TYPE_CHECKING:
+        # The async context manager protocol is typed with coroutines; at run time the methods
+        # return cheaper awaitables (a done future, ``_done``), which ``async with`` accepts.
+        async def __aenter__(self) -> Self: ...
+
+        async def __aexit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> None: ...
+
+    else:
+        __aenter__ = _enter
+        __aexit__ = _exit
 
     def close(self) -> None:
         """Refuse every later request; queued tasks get ``ResourceError``. Idempotent."""

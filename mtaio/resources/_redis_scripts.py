@@ -26,8 +26,9 @@ __all__ = [
 
 # -- RedisRateLimiter: GCRA -------------------------------------------------------------------
 #
-# KEYS[1] holds the theoretical arrival time (TAT) of the bucket: the server time at which
-# the bucket is full again. It is stored as "<seconds> <microseconds>" so that arithmetic
+# KEYS[1] holds the theoretical arrival time (TAT) of the bucket, the server time at which
+# the bucket is full again, and the number of the latest reservation:
+# "<seconds> <microseconds> <n>". Seconds and microseconds are apart so that arithmetic
 # happens on the *debt* (TAT - now, a small number) and keeps sub-microsecond precision
 # whatever the epoch (a double holding epoch microseconds only resolves 0.25 us).
 #
@@ -38,26 +39,34 @@ __all__ = [
 # A granted request (wait within the caller's limit) moves TAT to now + new debt: it
 # *reserves* its slot even when it has to wait, so a waiting caller needs no second round
 # trip. The key expires when the bucket is full again (PX = new debt).
+#
+# n numbers the reservations of the key, one more each; a fresh key starts from the server
+# time in microseconds, above any number a previous life of the key handed out (scripts take
+# more than a microsecond each). A reservation can only be given back while it is the latest
+# one (its n is still stored): then TAT goes back by its cost and n by one, which is exactly
+# the state had it never been made, and the one before it becomes the latest again. An
+# earlier reservation cannot: the ones after it already hold their slots, and moving TAT
+# back would let new requests bunch behind them beyond the bucket's bound.
 
 _RATE_PRELUDE: Final = """
 local tonumber, floor, ceil = tonumber, math.floor, math.ceil
 local t = redis.call('TIME')
 local now_s, now_us = tonumber(t[1]), tonumber(t[2])
-local function debt_of(raw)
-  if not raw then return 0 end
-  local s, us = string.match(raw, '^(%-?%d+) (%S+)$')
-  s, us = tonumber(s), tonumber(us)
-  if not s or not us then
+local function parse(raw)  -- debt (us) and the latest reservation's number
+  if not raw then return 0, now_s * 1000000 + now_us end
+  local s, us, n = string.match(raw, '^(%-?%d+) (%S+) (%d+)$')
+  s, us, n = tonumber(s), tonumber(us), tonumber(n)
+  if not s or not us or not n then
     return redis.error_reply('mtaio: key ' .. KEYS[1] .. ' does not hold a rate limiter')
   end
   local debt = (s - now_s) * 1000000 + (us - now_us)
-  if debt < 0 then return 0 end
-  return debt
+  if debt < 0 then return 0, n end
+  return debt, n
 end
-local function store(debt)
+local function store(debt, n)
   local at = now_us + debt
   local carry = floor(at / 1000000)
-  local value = string.format('%d %.17g', now_s + carry, at - carry * 1000000)
+  local value = string.format('%d %.17g %d', now_s + carry, at - carry * 1000000, n)
   redis.call('PSETEX', KEYS[1], ceil(debt / 1000), value)
 end
 """
@@ -67,12 +76,13 @@ RATE_ACQUIRE: Final = (
     + """
 -- ARGV: cost (us), tau (us), longest acceptable wait (us; negative: no limit),
 --       and optionally 1 to also get the server time (tests and benchmarks)
--- returns the wait in us (rounded up) when granted, -1 - wait when refused: one integer,
--- the cheapest reply for the client to parse
+-- returns 0 when granted at once, -1 - wait when refused (integers: the cheapest replies to
+-- parse), or "<wait> <n>" when granted after a wait of <wait> us (rounded up): the caller
+-- sleeps, and may give reservation <n> back
 local cost = tonumber(ARGV[1])
 local tau = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
-local debt = debt_of(redis.call('GET', KEYS[1]))
+local debt, n = parse(redis.call('GET', KEYS[1]))
 if type(debt) == 'table' then return debt end
 local new_debt = debt + cost
 local wait = new_debt - tau
@@ -81,9 +91,11 @@ wait = ceil(wait)
 if max_wait >= 0 and wait > max_wait then
   wait = -1 - wait
 else
-  store(new_debt)
+  n = n + 1
+  store(new_debt, n)
 end
-if ARGV[4] == '1' then return {wait, now_s, now_us} end
+if ARGV[4] == '1' then return {wait, now_s, now_us, string.format('%d', n)} end
+if wait > 0 then return string.format('%d %d', wait, n) end
 return wait
 """
 )
@@ -92,27 +104,29 @@ return wait
 RATE_REFUND: Final = (
     _RATE_PRELUDE
     + """
--- ARGV: cost (us) of a reservation whose caller gave up before using it
+-- ARGV: cost (us) and number of a reservation whose caller gave up before using it
+-- returns 1 if it was given back, 0 if a later reservation keeps it in place
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
-local debt = debt_of(raw)
+local debt, n = parse(raw)
 if type(debt) == 'table' then return debt end
+if n ~= tonumber(ARGV[2]) then return 0 end
 debt = debt - tonumber(ARGV[1])
 if debt <= 0 then
   redis.call('DEL', KEYS[1])
 else
-  store(debt)
+  store(debt, n - 1)
 end
 return 1
 """
 )
-"""Give a reservation back: the debt shrinks by its cost (a bucket can never overfill)."""
+"""Give the latest reservation back: as if it had never been made."""
 
 RATE_LEVEL: Final = (
     _RATE_PRELUDE
     + """
--- ARGV: tau (us); returns the debt in us as a string (read-only)
-local debt = debt_of(redis.call('GET', KEYS[1]))
+-- returns the debt in us as a string (read-only)
+local debt = parse(redis.call('GET', KEYS[1]))
 if type(debt) == 'table' then return debt end
 return string.format('%.17g', debt)
 """

@@ -303,8 +303,10 @@ class RedisRateLimiter(_RedisLimiter):
 
     The bucket is one GCRA *theoretical arrival time* per key, moved atomically by one Lua
     script per call on the Redis server's clock. A request that must wait **reserves** its
-    slot in that same round trip and sleeps exactly until it; a task that leaves before
-    using its slot (cancelled, or the limiter closed) gives the reservation back.
+    slot in that same round trip and sleeps exactly until it. A task that leaves before
+    using its slot (cancelled, or the limiter closed) gives the reservation back if no later
+    reservation was made meanwhile; otherwise the slot stays unused (the later ones, maybe
+    in other processes, hold theirs and cannot move up): the limit errs on the strict side.
 
     Every process sharing ``key`` must use the same ``rate`` and ``burst``: each call is
     judged with the parameters of the instance that makes it.
@@ -485,11 +487,14 @@ class RedisRateLimiter(_RedisLimiter):
             # learning it: that slot is lost (the limit errs on the strict side), never
             # granted twice.
             if dated:
-                wait, now_s, now_us = await self._guard(
+                wait, now_s, now_us, number = await self._guard(
                     self._acquire_script(self._keys, (*args, 1))
                 )
             else:
                 wait = await self._guard(self._acquire_script(self._keys, args))
+                if type(wait) is not int:  # "<wait> <number>": a reservation to sleep on
+                    wait, number = wait.split()
+                    wait = int(wait)
             if wait < 0:
                 seconds = (-1 - wait) / 1e6
                 which = "max_wait" if timeout is None else "timeout"
@@ -499,13 +504,16 @@ class RedisRateLimiter(_RedisLimiter):
                     retry_after=seconds,
                 )
             if wait > 0:
-                await self._sleep(loop, wait / 1e6, cost)
+                await self._sleep(loop, wait / 1e6, cost, number)
             return float(now_s) + (now_us + wait) / 1e6 if dated else None
         finally:
             self._waiting -= 1
 
-    async def _sleep(self, loop: asyncio.AbstractEventLoop, delay: float, cost: float) -> None:
-        """Sleep until the reserved slot; leaving early for any reason gives it back."""
+    async def _sleep(
+        self, loop: asyncio.AbstractEventLoop, delay: float, cost: float, number: bytes | str
+    ) -> None:
+        """Sleep until the reserved slot; leaving early for any reason tries to give the
+        reservation (``number``) back."""
         future: asyncio.Future[None] = loop.create_future()
         if self._closed:
             # close() ran while this task's reservation was on its way back from Redis.
@@ -516,11 +524,13 @@ class RedisRateLimiter(_RedisLimiter):
             await future
         except BaseException:
             # Cancelled (or the limiter closed) before or just after the slot: nobody used
-            # these tokens, so the bucket gets them back (GCRA: the debt shrinks by the
-            # cost; a debt below zero is a full bucket, so it can never overfill). Sent in
-            # the background so that the cancellation is not delayed by a round trip.
+            # these tokens. If no later reservation was made (the usual case for the last
+            # waiter), the refund script undoes this one exactly; otherwise the slot stays
+            # unused, since the later reservations, maybe in other processes, already hold
+            # theirs and cannot move up (see _redis_scripts). Sent in the background so
+            # that the cancellation is not delayed by a round trip.
             timer.cancel()
-            self._spawn(self._guard(self._refund_script(self._keys, (cost,))))
+            self._spawn(self._guard(self._refund_script(self._keys, (cost, number))))
             raise
         finally:
             self._sleepers.discard(future)

@@ -32,8 +32,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mtaio.exceptions import ResourceLimitError
+from mtaio.exceptions import ResourceError, ResourceLimitError
 from mtaio.exceptions import TimeoutError as MtaioTimeoutError
+from mtaio.resources import ResourceGroup
 
 pytestmark = pytest.mark.stress
 
@@ -511,7 +512,11 @@ async def _(impl: Any, t: Target, value: object) -> None:
     await deadlines_work(tm)
 
 
-@target("TimeoutManager.run(awaitable)", "awaitable", lambda value: frozenset({TypeError}))
+def refused(value: object) -> Allowed:
+    return frozenset({TypeError})
+
+
+@target("TimeoutManager.run(awaitable)", "awaitable", refused)
 async def _(impl: Any, t: Target, value: object) -> None:
     tm = impl.TimeoutManager(3)
     before = repr(tm)
@@ -551,6 +556,25 @@ async def _(impl: Any, t: Target, value: object) -> None:
         assert impl.Timeout(value).when() == (None if value is None else float(value))  # type: ignore[arg-type]
 
 
+@target("TimeoutManager.run(<callable or generator>)", "awaitable", refused)
+async def _(impl: Any, t: Target, value: object) -> None:
+    # Things that look like work but are not awaitable: the function itself (not called),
+    # a generator. Refused, and a generator given is closed.
+    async def work() -> None:
+        pass
+
+    def steps() -> Any:
+        yield value
+
+    tm = impl.TimeoutManager(3)
+    for thing in (work, steps()):
+        error = await outcome(lambda: tm.run(thing, timeout=1))  # noqa: B023 - called at once
+        check_outcome(t.rule(thing), error, t.argument, thing)
+        if inspect.isgenerator(thing):
+            assert inspect.getgeneratorstate(thing) == inspect.GEN_CLOSED
+    await deadlines_work(tm)
+
+
 # -- the test -------------------------------------------------------------------------------
 
 
@@ -582,3 +606,28 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(impl: Any, t: Target) 
 def test_int_beyond_any_float_is_refused_clearly(impl: Any, t: Target) -> None:
     for value in BEYOND_FLOATS:
         run_example(impl, t, value)
+
+
+def test_resource_group_takes_any_object_and_refuses_strangers() -> None:
+    # ResourceGroup has no numeric arguments: add() takes any object (hashable or not,
+    # closable or not), remove() of a non-member is a ResourceError that changes nothing.
+    @settings(max_examples=100, deadline=None, database=None)
+    @given(members=st.lists(VALUES, max_size=6), stranger=VALUES)
+    def fuzz(members: list[object], stranger: object) -> None:
+        async def check() -> None:
+            group = ResourceGroup()
+            async with group:
+                for member in members:
+                    assert await group.add(member) is member
+                unique = list({id(m): m for m in members}.values())
+                assert len(group) == len(unique)
+                if not any(m is stranger for m in members):
+                    with pytest.raises(ResourceError):
+                        await group.remove(stranger)
+                    assert list(group) == unique
+            assert len(group) == 0
+
+        with asyncio.Runner(loop_factory=looptime.new_event_loop) as runner:
+            runner.run(check())
+
+    fuzz()
