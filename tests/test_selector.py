@@ -15,7 +15,8 @@ def _implementation(**env: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MTAIO_")}
     environment.update(env)
     return subprocess.run(
-        [sys.executable, "-c", "import mtaio._core as c; print(c.IMPLEMENTATION)"],
+        # -P: import the installed package, not a source tree in the working directory.
+        [sys.executable, "-P", "-c", "import mtaio._core as c; print(c.IMPLEMENTATION)"],
         env=environment,
         capture_output=True,
         text=True,

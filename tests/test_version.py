@@ -16,6 +16,6 @@ def test_version_is_single_sourced() -> None:
 def test_importing_mtaio_loads_no_submodules() -> None:
     code = "import sys, mtaio; print(sorted(m for m in sys.modules if m.startswith('mtaio.')))"
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
