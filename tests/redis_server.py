@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import multiprocessing
 import os
 import random
@@ -27,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import pytest
 
@@ -56,6 +57,19 @@ __all__ = [
 T = TypeVar("T")
 
 REDIS_SERVER = shutil.which("redis-server")
+# Set by .ci/run: there a missing server or client is a failure, not a skip.
+REQUIRE_REDIS = os.environ.get("MTAIO_REQUIRE_REDIS", "") not in ("", "0")
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if REQUIRE_REDIS:
+        pytest.fail(f"{reason}, and MTAIO_REQUIRE_REDIS=1")
+    pytest.skip(reason)
+
+
+def _require_server() -> None:
+    if REDIS_SERVER is None:
+        _unavailable("redis-server is not on PATH (Debian: apt-get install redis-server)")
 
 
 def _free_port() -> int:
@@ -69,7 +83,7 @@ class RedisServer:
     """One ``redis-server`` process: loopback only, no persistence, its own directory."""
 
     def __init__(self, directory: Path) -> None:
-        assert REDIS_SERVER is not None
+        _require_server()
         self.directory = directory
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -162,9 +176,9 @@ def connect(port: int, **options: Any) -> Redis:
 
 @pytest.fixture(scope="module", name="redis_server")
 def redis_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    pytest.importorskip("redis", reason="the redis package is not installed (mtaio[redis])")
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server)")
+    if importlib.util.find_spec("redis") is None:
+        _unavailable("the redis package is not installed (mtaio[redis])")
+    _require_server()
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     try:

@@ -57,7 +57,7 @@ DEFAULT_COMMAND_TIMEOUT: Final = 5.0
 #: As ``RateLimiter``: the bucket holds at least 2 ms of tokens, so that a caller woken a
 #: little late (timers are ~1 ms granular) does not lose rate (SPEC §2's effective capacity).
 CATCH_UP: Final = 0.002
-#: The longest single BLPOP of the wake-up listener when the client has no socket timeout.
+#: The longest single BLPOP of the wake-up listener (also at most 80 % of socket_timeout).
 MAX_BLOCK: Final = 10.0
 #: The shortest BLPOP (Redis takes a fractional timeout; 0 would mean "forever").
 MIN_BLOCK: Final = 0.005
@@ -734,7 +734,7 @@ class RedisConcurrencyLimiter(_RedisLimiter):
             await self._release(member)
         except asyncio.CancelledError:
             # The release may not have reached Redis: send it again (it is idempotent).
-            self._spawn(self._release(member))
+            self._spawn(self._release(member, quiet=True))
             raise
 
     def close(self) -> None:
@@ -845,6 +845,8 @@ class RedisConcurrencyLimiter(_RedisLimiter):
                 # grant that raced with this exit (LEAVE with release=1 does both).
                 self._spawn(self._leave(member))
             raise
+        if timer is not None:
+            timer.cancel()
         if granted:
             return
         # Timed out locally; the grant may still have happened in Redis meanwhile.
