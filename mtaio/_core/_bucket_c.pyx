@@ -7,7 +7,8 @@ What differs is only how the fast paths return and read the clock:
   ``COMPLETED`` (no coroutine is created);
 - ``__aenter__`` on that path returns a done future whose result is the limiter (one per
   limiter per loop, made when it binds), whose C ``am_send`` hands the result over without
-  raising ``StopIteration``; ``__aexit__`` returns ``COMPLETED``;
+  raising ``StopIteration``; ``__aexit__`` returns a done future whose result is ``None``
+  (also made when it binds; measured ~5 ns cheaper to await than ``COMPLETED``);
 - on a stock asyncio loop (``loop.time`` provably ``time.monotonic``) the clock is read
   through the C API that ``time.monotonic`` itself uses; any other loop's ``time()`` (uvloop,
   a virtual clock) is called;
@@ -25,7 +26,6 @@ no-op on builds with the GIL).
 cimport cython
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.long cimport PyLong_AsLongAndOverflow
-from cpython.object cimport PyObject
 from cpython.time cimport monotonic
 from libc.math cimport INFINITY, fabs
 
@@ -68,21 +68,21 @@ cdef extern from *:
     #define MTAIO_LOOP_HOLDER 0
     #endif
 
-    /* A borrowed reference or NULL; never raises. */
-    static PyObject *mtaio_running_loop_holder(PyObject *key) {
+    /* The version tag of this thread's state dict, or 0 if it has none; never raises.
+       CPython 3.11 gives every dict a tag that is unique across all dicts and changes on
+       every insertion, replacement or deletion (PEP 509). */
+    static unsigned long long mtaio_state_tag(void) {
     #if MTAIO_LOOP_HOLDER
         PyObject *state = PyThreadState_GetDict();
-        return state == NULL ? NULL : PyDict_GetItem(state, key);
+        return state == NULL ? 0 : ((PyDictObject *)state)->ma_version_tag;
     #else
-        (void)key;
-        return NULL;
+        return 0;
     #endif
     }
     """
     bint _LOOP_HOLDER "MTAIO_LOOP_HOLDER"
-    PyObject *_running_loop_holder "mtaio_running_loop_holder" (object key)
+    unsigned long long _state_tag "mtaio_state_tag" () noexcept
 
-cdef object _HOLDER_KEY = "__asyncio_running_event_loop__"
 cdef object _get_running_loop = events._get_running_loop
 cdef object _get_running_loop_or_fail = events.get_running_loop
 cdef object _stock_time = asyncio.BaseEventLoop.time
@@ -155,8 +155,9 @@ cdef class RateLimiter:
     cdef object _loop
     cdef object _clock
     cdef bint _stock_clock
+    cdef object _done  # what __aexit__ returns
     cdef object _entered
-    cdef object _holder  # see _on_bound_loop()
+    cdef unsigned long long _state  # see _on_bound_loop()
     cdef object __weakref__
 
     def __init__(self, rate, burst=None, *, max_wait=None):
@@ -180,8 +181,9 @@ cdef class RateLimiter:
         self._loop = None
         self._clock = _monotonic
         self._stock_clock = False
+        self._done = COMPLETED
         self._entered = None
-        self._holder = None
+        self._state = 0
 
     # -- public API -------------------------------------------------------------------------
 
@@ -258,7 +260,9 @@ cdef class RateLimiter:
 
     def __aexit__(self, exc_type, exc, tb):
         """Leaving the block gives nothing back: tokens are spent, not held."""
-        return COMPLETED
+        # A done future of the bound loop (COMPLETED before binding): its C ``am_send`` is
+        # a few ns cheaper than COMPLETED's ``__next__``.
+        return self._done
 
     def close(self):
         """Refuse every later request; queued tasks get ``ResourceError``. Idempotent."""
@@ -353,7 +357,7 @@ cdef class RateLimiter:
     # -- waiting ----------------------------------------------------------------------------
 
     @cython.final
-    cdef bint _take_now(self, double amount) except -1:
+    cdef inline bint _take_now(self, double amount) except -1:
         """The fast path: bound to the running loop, nobody queued, the tokens are there."""
         if self._count or self._closed or amount > self._burst or not self._on_bound_loop():
             return False
@@ -572,21 +576,23 @@ cdef class RateLimiter:
 
         On 3.11 ``_get_running_loop()`` costs a ``getpid()`` system call (~150 ns, more than
         the rest of the fast path). The loop that runs is recorded in a "holder" object in the
-        thread's state dict, a new holder each time a loop starts running; while that holder
-        is the one seen when the bound loop was last confirmed, the bound loop is still the
-        running one. Anything else is settled by ``_get_running_loop()``.
+        thread's state dict, a new holder stored each time a loop starts or stops running.
+        While that dict's version tag (unique across dicts, changed by every store, PEP 509)
+        is the one seen when the bound loop was last confirmed, it is the same thread's dict,
+        unchanged: the bound loop is still the running one. Comparing the tag is cheaper
+        than looking the holder up (~20 ns). Anything else is settled by
+        ``_get_running_loop()``.
         """
-        cdef PyObject *holder
+        cdef unsigned long long state
         if _LOOP_HOLDER:
-            holder = _running_loop_holder(_HOLDER_KEY)
-            if holder is not NULL and holder is <PyObject *>self._holder:
+            state = _state_tag()
+            if state != 0 and state == self._state:
                 return True
         loop = _get_running_loop()
         if loop is None or loop is not self._loop:
             return False
         if _LOOP_HOLDER:
-            holder = _running_loop_holder(_HOLDER_KEY)
-            self._holder = <object>holder if holder is not NULL else None
+            self._state = _state_tag()
         return True
 
     @cython.final
@@ -601,12 +607,14 @@ cdef class RateLimiter:
         stock = _is_stock_clock(loop)
         same_clock = stock and self._stock_clock
         self._loop = loop
-        self._holder = None  # confirmed by the next _on_bound_loop()
+        self._state = 0  # confirmed by the next _on_bound_loop()
         self._stock_clock = stock
         self._clock = _monotonic if stock else loop.time
         if self._stamp != -INFINITY and not same_clock:
             # A different clock: keep the level, count no time across the switch.
             self._stamp = self._now()
+        self._done = loop.create_future()
+        self._done.set_result(None)
         self._entered = loop.create_future()
         self._entered.set_result(self)
         return 0

@@ -248,8 +248,31 @@ class RateLimiter:
             if acquired is self._done:
                 return self._entered  # type: ignore[return-value]  # set by _bind
             return self._enter_after(acquired)
-        if self._take_now(1.0):
-            return self._entered  # type: ignore[return-value]  # set by _bind
+        # _take_now(1.0), inlined with locals: this is the hottest path (a method call and
+        # the repeated attribute loads cost more than the arithmetic).
+        threaded = self._threaded_loop
+        if (
+            not self._count
+            and not self._closed
+            and self._burst >= 1.0
+            and (
+                (threaded is not None and threaded._thread_id == get_ident())
+                or (self._loop is not None and _get_running_loop() is self._loop)
+            )
+        ):
+            now = self._clock()
+            level = self._level
+            stamp = self._stamp
+            if now > stamp:
+                level += (now - stamp) * self._rate
+                capacity = self._capacity
+                if level > capacity:
+                    level = capacity
+                self._stamp = now
+            if level >= 1.0:
+                self._level = level - 1.0
+                return self._entered  # type: ignore[return-value]  # set by _bind
+            self._level = level
         return self._enter_after(self._acquire_slow(1.0, None))
 
     def _exit(
@@ -259,7 +282,8 @@ class RateLimiter:
         tb: TracebackType | None,
     ) -> Awaitable[None]:
         """Leaving the block gives nothing back: tokens are spent, not held."""
-        return self._done if self._done is not None else _nothing()
+        done = self._done
+        return done if done is not None else _nothing()
 
     if TYPE_CHECKING:
         # The async context manager protocol is typed with coroutines; at run time the methods
