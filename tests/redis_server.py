@@ -299,7 +299,9 @@ def concurrency_worker(
     from mtaio.resources.redis import RedisConcurrencyLimiter
 
     async def main() -> list[tuple[float, float]]:
-        redis = connect(port, max_connections=tasks + 4)
+        # The default pool: a task may have a call in flight while a cancelled call of its own
+        # still gives its place back in the background, so one connection per task is too few.
+        redis = connect(port)
         limiter = RedisConcurrencyLimiter(redis, key, limit, lease=5.0)
         log: list[tuple[float, float]] = []
         rng = random.Random(os.getpid())
@@ -388,7 +390,9 @@ def concurrency_storm_worker(
     from mtaio.resources.redis import RedisConcurrencyLimiter
 
     async def main() -> tuple[list[tuple[float, float]], int]:
-        redis = connect(port, max_connections=tasks + 4)
+        # The default pool: a task may have a call in flight while a cancelled call of its own
+        # still gives its place back in the background, so one connection per task is too few.
+        redis = connect(port)
         limiter = RedisConcurrencyLimiter(redis, key, limit, lease=2.0)
         log: list[tuple[float, float]] = []
         refused = 0
